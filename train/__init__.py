@@ -1,0 +1,1 @@
+"""One autoresearch-style training run: data preparation, tokenizer, model, optimizer, loop."""
