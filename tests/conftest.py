@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 # Small vocabulary keeps BPE training well under a second on the tiny corpus.
 TINY_VOCAB_SIZE = 512
@@ -61,3 +62,16 @@ def prepared_cache(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) 
     cache = tmp_path_factory.mktemp("prepared_cache")
     prepare(cache, source=str(tiny_corpus), vocab_size=TINY_VOCAB_SIZE, log=lambda *a, **k: None)
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test's tiny model on one thread.
+
+    Small models gain nothing from a second thread, and OpenMP's spinning threads slow down badly on a busy
+    machine. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ SUMMARY_KEYS = {"val_bpb", "training_seconds", "total_seconds", "peak_memory_mb"
                 "train_loss", "device", "preset", "budget_unit", "budget", "triage_time"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models gain nothing from a second thread, and OpenMP threads slow down badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cache: Path, **overrides) -> TrainConfig:

@@ -12,13 +12,7 @@ from train.model import GPT, GPTConfig, has_value_embedding, window_sizes
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models gain nothing from a second thread, and OpenMP threads slow down badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(**overrides) -> GPT:

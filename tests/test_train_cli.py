@@ -16,13 +16,7 @@ from train.__main__ import SUMMARY_KEYS, build_parser, main
 TRIAGE_WORDS = ("triage", "rank", "coherence")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models gain nothing from a second thread, and OpenMP threads slow down badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(capsys, prepared_cache: Path, *argv: str) -> tuple[int, str, str]:
