@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,10 @@ def test_preset_config_defaults_and_overrides():
         preset_config("huge")
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         preset_config("cpu", learning_rate=1.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_loop_keep_freed_memory_sets_glibc_thresholds() -> None:
+    from train.loop import keep_freed_memory
+
+    assert keep_freed_memory() is True

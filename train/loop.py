@@ -16,6 +16,7 @@ snapshot after the optimizer step, and calls ``on_checkpoint``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import resource
 import sys
@@ -92,6 +93,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing large freed blocks back to the OS between steps (CPU runs).
+
+    A step's biggest tensors (the logits: rows x context x vocab floats, 32 MB on the cpu preset) sit above
+    glibc's mmap threshold, so every step maps them afresh and page-faults them in, then unmaps them: measured
+    on the cpu preset, about a third of the process's time went to the kernel. Raising the mmap and trim
+    thresholds lets freed memory be reused instead (a few hundred MB more peak RSS). Returns False where the
+    C library is not glibc; nothing changes there.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def _marks(config: TrainConfig) -> list[tuple[float, bool]]:
     """(position in budget units, is_triage) of every mark, ascending."""
     every = config.measure_every if config.measure_every is not None else config.budget / 10
@@ -120,8 +138,10 @@ def train(config: TrainConfig, on_checkpoint: Callable[[Checkpoint], None] | Non
     t_start = time.perf_counter()
     config.validate()
     device = resolve_device(config.device)
-    if config.threads and device.type == "cpu":
-        torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
+        if config.threads:
+            torch.set_num_threads(config.threads)
     cache = config.cache_dir if config.cache_dir is not None else default_cache_dir()
     load_manifest(cache)
     tokenizer = Tokenizer.from_directory(cache)
