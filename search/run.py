@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--step-budget", type=int, help="optimizer steps per trial (reproducible)")
     parser.add_argument("--device", help="auto | cpu | cuda | mps")
     parser.add_argument("--triage-at", type=int, help="triage checkpoint in the budget's unit (default: preset's)")
+    parser.add_argument("--matrix-optimizer", help="muon (default) | adamw: the optimizer of the block matrices; "
+                        "the evidence benchmark found rank retention predictive with adamw only")
     parser.add_argument("--pruner", default="rank", help="rank (default) | median (train loss) | none")
     parser.add_argument("--threshold", default=str(DEFAULT_THRESHOLD), help="rank retention threshold in (0, 1], or auto")
     parser.add_argument("--calibrate-from", metavar="STUDY|RECORDS.parquet",

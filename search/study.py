@@ -24,7 +24,8 @@ from train.loop import TrainConfig, preset_config, resolve_device
 DEFAULT_THRESHOLD = 0.5
 
 #: Study attrs that must match for a resumed study: trials run under other values are not comparable.
-COMPARABLE = ("preset", "budget_unit", "budget", "triage_at", "search_space_version", "data_fingerprint")
+COMPARABLE = ("preset", "budget_unit", "budget", "triage_at", "search_space_version", "data_fingerprint",
+              "matrix_optimizer")
 
 
 class SettingsError(ValueError):
@@ -90,6 +91,8 @@ class StudySettings:
             common["cache_dir"] = Path(args.cache_dir)
         if getattr(args, "threads", None) is not None:
             common["threads"] = args.threads
+        if getattr(args, "matrix_optimizer", None) is not None:
+            common["matrix_optimizer"] = args.matrix_optimizer
         overrides: dict[str, Any] = {}
         if args.time_budget is not None:
             if not (args.time_budget > 0 and math.isfinite(args.time_budget)):
@@ -152,6 +155,7 @@ class StudySettings:
             "budget_unit": unit,
             "budget": budget,
             "triage_at": self.triage_at,
+            "matrix_optimizer": self.base.matrix_optimizer,
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "pruner": self.pruner,

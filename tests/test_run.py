@@ -138,6 +138,7 @@ BAD = [
     (["--threshold", "auto", "--calibrate-from", "guarded"], "--threshold auto: "),
     (["--threshold", "0.7", "--calibrate-from", "x"], "--calibrate-from only goes with --threshold auto"),
     (["--time-budget", "5", "--step-budget", "5"], "not allowed with argument"),
+    (["--matrix-optimizer", "sgd"], "matrix_optimizer"),
 ]
 
 
@@ -295,3 +296,16 @@ def test_run_pruners_decide_on_their_signal_at_the_checkpoint(pruner, retention,
     trial.set_user_attr("curve_train_loss", {"3": loss, "4": loss})
     trial.report(retention, 4)
     assert trial.should_prune() is prunes
+
+
+def test_run_matrix_optimizer_is_recorded_and_a_resume_cannot_mix_families(workdir, prepared_cache, monkeypatch,
+                                                                           capsys) -> None:
+    monkeypatch.chdir(workdir)
+    assert run.main(_args(prepared_cache, "adamw", "--trials", "1", "--matrix-optimizer", "adamw")) == 0
+    study = _load("adamw")
+    assert study.user_attrs["matrix_optimizer"] == "adamw"
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    capsys.readouterr()
+    assert _status(_args(prepared_cache, "adamw", "--trials", "1")) == 2  # muon now: not comparable
+    assert "matrix_optimizer='adamw'" in capsys.readouterr().err
+    assert len(_load("adamw").trials) == 1
