@@ -64,10 +64,12 @@ def test_effective_rank_is_scale_invariant() -> None:
     assert effective_rank(1e4 * m) == pytest.approx(effective_rank(m), rel=1e-4)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
-def test_effective_rank_extreme_scales_stay_exact(scale: float) -> None:
-    # The Gram matrix of such weights would underflow/overflow fp32 without normalisation.
-    m = torch.randn(96, 128, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-12, 1e-9, 1e9, 1e12, 1e20, 1e30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_effective_rank_extreme_scales_stay_exact(scale: float, dtype: torch.dtype) -> None:
+    # The Gram matrix of such weights would underflow/overflow fp32 without normalisation
+    # (1e-9/1e9 sit inside the range used as is, 1e-12/1e12 just outside it).
+    m = torch.randn(96, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
     assert effective_rank(scale * m) == pytest.approx(effective_rank(m), rel=1e-4)
 
 
@@ -81,10 +83,18 @@ def test_effective_rank_zero_matrix_is_zero() -> None:
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_effective_rank_non_finite_is_nan(bad: float) -> None:
-    m = torch.randn(64, 64)
-    m[3, 5] = bad
+@pytest.mark.parametrize("where", [(0, 0), (3, 5), (-1, -1), (-1, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_effective_rank_non_finite_is_nan(bad: float, where: tuple[int, int], dtype: torch.dtype) -> None:
+    # The first and last entries too: the check is a vectorised min/max whose tail is handled apart.
+    m = torch.randn(96, 70).to(dtype)
+    m[where] = bad
     assert math.isnan(effective_rank(m))
+    assert math.isnan(effective_ranks([torch.randn(96, 70), m])[1])
+
+
+def test_effective_rank_integer_matrix_is_measured() -> None:
+    assert effective_rank(torch.eye(64, dtype=torch.int64)) == pytest.approx(64, rel=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4), ()])
@@ -140,6 +150,78 @@ def test_effective_ranks_every_fallback_path_agrees(monkeypatch, tolerance: floa
     mats = [_SPECTRA[name]().float() for name in ("gaussian_square", "exp_decay", "power_law")]
     for got, m in zip(effective_ranks(mats), mats):
         assert got == pytest.approx(_reference_rank(m), rel=5e-3)
+
+
+# Low-rank, near-low-rank and decaying spectra: the cases where the fp32 Gram loses the small
+# singular values (below ~sqrt(eps) * sigma_max) and the check must send the matrix to fp64.
+_HARD = {
+    "rank1_exact": lambda: _low_rank(512, 512, 1),
+    "rank8_exact": lambda: _low_rank(256, 1024, 8),
+    "rank64_exact": lambda: _low_rank(1024, 256, 64),
+    "rank8_noise1e-6": lambda: _low_rank(512, 512, 8, noise=1e-6),
+    "rank8_noise1e-3": lambda: _low_rank(512, 512, 8, noise=1e-3),
+    "rank64_noise1e-2": lambda: _low_rank(256, 512, 64, noise=1e-2),
+    "power_1": lambda: _with_spectrum(512, 512, torch.arange(1, 513.0) ** -1.0),
+    "power_3": lambda: _with_spectrum(128, 512, torch.arange(1, 129.0) ** -3.0),
+    "exp_decay_fast": lambda: _with_spectrum(256, 256, torch.exp(-torch.arange(256.0) / 5)),
+    "two_levels": lambda: _with_spectrum(512, 256, torch.where(torch.arange(256) < 32, 1.0, 1e-3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HARD))
+def test_effective_rank_hard_spectra_agree_with_fp64_svd(name: str) -> None:
+    m = _HARD[name]().float()
+    assert effective_rank(m) == pytest.approx(_reference_rank(m), rel=5e-3)
+
+
+@pytest.mark.parametrize("name", sorted(_SPECTRA) + sorted(_HARD))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_uncertainty_covers_its_error(name: str, dtype: torch.dtype) -> None:
+    # The a posteriori check is only sound if the uncertainty it reports bounds the real error.
+    from optuna_triage._metrics import _gram_rank
+
+    m = {**_SPECTRA, **_HARD}[name]().float()
+    m = m / m.abs().max()
+    rank, uncertainty = _gram_rank(m, dtype)
+    assert abs(rank / _reference_rank(m) - 1) <= max(uncertainty, 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(100, 300), (256, 256), (301, 700), (515, 1030)])
+def test_lower_gram_has_the_full_grams_spectrum(shape: tuple[int, int]) -> None:
+    # Only the lower triangle is computed (uneven row blocks for odd sizes); eigvalsh reads no more.
+    from optuna_triage._metrics import _lower_gram
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    gram = _lower_gram(x)
+    assert (gram[0, -1] == 0) == (shape[0] >= 256)  # the block above the diagonal was skipped
+    assert torch.allclose(gram.tril(), (x @ x.mT).tril(), rtol=1e-12, atol=1e-9)
+    assert torch.allclose(torch.linalg.eigvalsh(gram), torch.linalg.eigvalsh(x @ x.mT), rtol=1e-10, atol=1e-8)
+
+
+def test_gram_fp32_cannot_resolve_a_faint_tail() -> None:
+    # Why small Gram eigenvalues are not simply cut to zero: rank 8 with and without a 1e-3
+    # noise floor have the same resolved fp32 spectrum, yet effective ranks 3 % apart. The check
+    # must flag both rather than guess.
+    from optuna_triage._metrics import _GRAM_TOLERANCE, _gram_rank
+
+    clean, noisy = _low_rank(512, 512, 8, seed=3), _low_rank(512, 512, 8, noise=1e-3, seed=3)
+    assert _reference_rank(noisy) / _reference_rank(clean) - 1 > 0.02
+    for m in (clean, noisy):
+        assert _gram_rank(m / m.abs().max(), torch.float32)[1] > _GRAM_TOLERANCE
+        assert _gram_rank(m / m.abs().max(), torch.float64)[1] <= _GRAM_TOLERANCE
+
+
+def test_effective_ranks_threads_do_not_change_results() -> None:
+    mats = [_SPECTRA[n]().float() for n in sorted(_SPECTRA)] + [_HARD["rank8_noise1e-3"]().float()]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = effective_ranks(mats)
+        torch.set_num_threads(2)
+        threaded = effective_ranks(mats)
+    finally:
+        torch.set_num_threads(before)
+    assert threaded == single
 
 
 def test_effective_ranks_restores_thread_count() -> None:

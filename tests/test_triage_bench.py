@@ -27,11 +27,29 @@ def test_triage_bench_snapshot_agrees_with_svdvals_loop_across_spectra() -> None
     assert min(loop.values()) < 10
 
 
+def test_triage_bench_paths_cover_both_gram_precisions() -> None:
+    # Gaussian layers stay on the fp32 Gram; the low-rank/power-law layers need the fp64 redo.
+    model = bench.build_gpt_matrices(depth=4, dim=64, vocab=256)
+    paths = bench.measurement_paths(model)
+    assert paths["fp32 Gram"] > 0 and paths["fp64 Gram"] > 0
+    assert sum(paths.values()) == len(list(model.parameters()))
+
+
+def test_triage_bench_unchecked_fp32_restores_tolerance() -> None:
+    from optuna_triage import _metrics
+
+    before = _metrics._GRAM_TOLERANCE
+    with pytest.raises(RuntimeError), bench.unchecked_fp32():
+        assert _metrics._GRAM_TOLERANCE == float("inf")
+        raise RuntimeError
+    assert _metrics._GRAM_TOLERANCE == before
+
+
 def test_triage_bench_cli_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--depth", "2", "--dim", "64", "--repeats", "1", "--threads", "1",
                        "--no-train-step"]) == 0
     out = capsys.readouterr().out
-    assert "speed-up:" in out and "-> OK" in out
+    assert "speed-up:" in out and "-> OK" in out and "paths:" in out and "ceiling" in out
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--dim", "32"], ["--threads", "0"]])
