@@ -89,3 +89,23 @@ def test_examples_digits_cli_rejects_bad_input(argv, capsys: pytest.CaptureFixtu
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m optuna_triage.examples.digits: error:")
+
+
+def _readme_example(name: str) -> str:
+    """The ```python block that follows ``<!-- readme-example: NAME -->`` in README.md."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- readme-example: {name} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_examples_readme_digits_study_runs_as_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    namespace = {"__name__": "__readme__"}
+    exec(compile(_readme_example("digits"), "<README digits example>", "exec"), namespace)
+    study = namespace["study"]
+    states = {t.state for t in study.trials}
+    assert len(study.trials) == 20
+    assert optuna.trial.TrialState.COMPLETE in states
+    # lr spans 1e-3..30: the large ones collapse and must be pruned, with the reason on the trial.
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.user_attrs.get("prune_reason") for t in pruned)
+    assert "PRUNED" in capsys.readouterr().out
