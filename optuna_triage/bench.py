@@ -144,22 +144,15 @@ def train_step_fraction(snapshot_seconds_fn: Callable[[nn.Module], float], repea
     """Times one optimizer step of the ``--preset cpu`` model; '' if ``train`` is unavailable."""
     try:  # imported lazily: optuna_triage never depends on the GPT code
         from train.loop import preset_config
-        from train.model import GPT, GPTConfig
-        from train.optim import OptimConfig, build_optimizer
+        from train.model import GPT
+        from train.optim import build_optimizer
     except ImportError as exc:
         return f"train step: skipped (train package not importable: {exc})"
     cfg = preset_config("cpu", device="cpu")
-    n_head = cfg.n_embd // cfg.head_dim
     vocab = 8192  # the prepared tokenizer's default size
-    model = GPT(GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab, n_layer=cfg.depth, n_head=n_head,
-                          n_kv_head=cfg.n_kv_head or n_head, n_embd=cfg.n_embd,
-                          window_pattern=cfg.window_pattern))
+    model = GPT(cfg.gpt_config(vocab))
     model.init_weights()
-    opt = build_optimizer(model, OptimConfig(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                             unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
-                                             weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-                                             adam_beta2=cfg.adam_beta2,
-                                             matrix_optimizer=cfg.matrix_optimizer))
+    opt = build_optimizer(model, cfg)
     accum = max(1, cfg.total_batch_size // (cfg.device_batch_size * cfg.seq_len))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (cfg.device_batch_size, cfg.seq_len), generator=g)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from train.model import GPT, GPTConfig
-from train.optim import OptimConfig, apply_schedules, build_optimizer, lr_multiplier, muon_momentum, orthogonalize
+from train.config import TrainConfig
+from train.optim import apply_schedules, build_optimizer, lr_multiplier, muon_momentum, orthogonalize
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +52,7 @@ def test_muon_momentum_ramps(step, expected):
 @pytest.mark.parametrize("matrix_optimizer, kinds", [("muon", {"adamw", "muon"}), ("adamw", {"adamw"})])
 def test_build_optimizer_covers_every_parameter_once(matrix_optimizer, kinds):
     model = make_model()
-    optimizer = build_optimizer(model, OptimConfig(matrix_optimizer=matrix_optimizer))
+    optimizer = build_optimizer(model, TrainConfig(matrix_optimizer=matrix_optimizer))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
     assert {g["kind"] for g in optimizer.param_groups} == kinds
@@ -62,21 +63,21 @@ def test_build_optimizer_covers_every_parameter_once(matrix_optimizer, kinds):
 
 def test_build_optimizer_scales_adam_lrs_with_width():
     model = make_model()  # n_embd 64: scale sqrt(768 / 64)
-    optimizer = build_optimizer(model, OptimConfig(unembedding_lr=0.004))
+    optimizer = build_optimizer(model, TrainConfig(unembedding_lr=0.004))
     head = next(g for g in optimizer.param_groups if g["params"][0] is model.lm_head.weight)
     assert head["lr"] == pytest.approx(0.004 * (768 / 64) ** 0.5)
 
 
 def test_build_optimizer_rejects_unknown_matrix_optimizer():
     with pytest.raises(ValueError, match="matrix_optimizer"):
-        build_optimizer(make_model(), OptimConfig(matrix_optimizer="sgd"))
+        build_optimizer(make_model(), TrainConfig(matrix_optimizer="sgd"))
 
 
 @pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])
 def test_optimizer_step_reduces_loss_and_leaves_gradients_alone(matrix_optimizer):
     model = make_model()
     lr = 0.04 if matrix_optimizer == "muon" else 0.004
-    optimizer = build_optimizer(model, OptimConfig(matrix_optimizer=matrix_optimizer, matrix_lr=lr))
+    optimizer = build_optimizer(model, TrainConfig(matrix_optimizer=matrix_optimizer, matrix_lr=lr))
     x = torch.randint(0, 50, (4, 16))
     y = torch.randint(0, 50, (4, 16))
     first = model(x, y)
@@ -93,7 +94,7 @@ def test_optimizer_step_reduces_loss_and_leaves_gradients_alone(matrix_optimizer
 
 
 def test_apply_schedules_decays_matrix_weight_decay_only():
-    optimizer = build_optimizer(make_model(), OptimConfig(weight_decay=0.2))
+    optimizer = build_optimizer(make_model(), TrainConfig(weight_decay=0.2))
     multiplier = apply_schedules(optimizer, progress=0.75, step=150, warmup_ratio=0.0, warmdown_ratio=0.5,
                                  final_lr_frac=0.0)
     assert multiplier == pytest.approx(0.5)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.model import GPTConfig
 from train.optim import MATRIX_OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -74,6 +75,12 @@ class TrainConfig:
     @property
     def n_embd(self) -> int:
         return math.ceil(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The model's shape for a tokenizer of ``vocab_size`` tokens."""
+        n_head = self.n_embd // self.head_dim
+        return GPTConfig(sequence_len=self.seq_len, vocab_size=vocab_size, n_layer=self.depth, n_head=n_head,
+                         n_kv_head=self.n_kv_head or n_head, n_embd=self.n_embd, window_pattern=self.window_pattern)
 
     def validate(self) -> None:
         """Raise ValueError (one line) on any inconsistent setting."""

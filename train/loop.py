@@ -31,8 +31,8 @@ from optuna_triage import StructuralSnapshot, gradient_coherence, rank_retention
 from train.config import PRESETS, TrainConfig, detect_device, preset_config
 from train.dataloader import make_batches
 from train.evaluate import evaluate_bpb
-from train.model import GPT, GPTConfig
-from train.optim import OptimConfig, apply_schedules, build_optimizer
+from train.model import GPT
+from train.optim import apply_schedules, build_optimizer
 from train.prepare import default_cache_dir, load_manifest
 from train.tokenizer import Tokenizer
 
@@ -148,16 +148,9 @@ def train(config: TrainConfig, on_checkpoint: Callable[[Checkpoint], None] | Non
     token_bytes = tokenizer.token_bytes().to(device)
 
     torch.manual_seed(config.seed)
-    n_head = config.n_embd // config.head_dim
-    gpt_config = GPTConfig(sequence_len=config.seq_len, vocab_size=tokenizer.n_vocab, n_layer=config.depth,
-                           n_head=n_head, n_kv_head=config.n_kv_head or n_head, n_embd=config.n_embd,
-                           window_pattern=config.window_pattern)
-    raw_model = GPT(gpt_config).to(device)
+    raw_model = GPT(config.gpt_config(tokenizer.n_vocab)).to(device)
     raw_model.init_weights()
-    optimizer = build_optimizer(raw_model, OptimConfig(
-        matrix_lr=config.matrix_lr, embedding_lr=config.embedding_lr, unembedding_lr=config.unembedding_lr,
-        scalar_lr=config.scalar_lr, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2, matrix_optimizer=config.matrix_optimizer))
+    optimizer = build_optimizer(raw_model, config)
     model = torch.compile(raw_model, dynamic=False) if config.compile and device.type == "cuda" else raw_model
     autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -179,7 +172,7 @@ def train(config: TrainConfig, on_checkpoint: Callable[[Checkpoint], None] | Non
     measuring = triage_on or on_checkpoint is not None
     unit = config.budget_unit
     num_params = raw_model.num_params()
-    log(f"model: depth {config.depth}, n_embd {config.n_embd}, heads {n_head}/{gpt_config.n_kv_head}, "
+    log(f"model: depth {config.depth}, n_embd {config.n_embd}, heads {raw_model.config.n_head}/{raw_model.config.n_kv_head}, "
         f"{num_params / 1e6:.2f}M params, vocab {tokenizer.n_vocab}, device {device.type}, "
         f"{config.matrix_optimizer} | budget {config.budget:g} {unit} | {accum_steps} micro-batch(es) of "
         f"{config.device_batch_size}x{config.seq_len} per step")

@@ -12,10 +12,13 @@ tuned them at width 768). ``matrix_optimizer="adamw"`` puts the block matrices u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # config imports this module (MATRIX_OPTIMIZERS)
+    from train.config import TrainConfig
 
 # Quintic Newton-Schulz coefficients tuned for a steep slope at zero (Muon's published constants).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -23,20 +26,6 @@ NS_STEPS = 5
 MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300
 ADAM_EPS = 1e-10
 MATRIX_OPTIMIZERS = ("muon", "adamw")
-
-
-@dataclass
-class OptimConfig:
-    """Learning rates and betas (the fields of TrainConfig that the optimizer reads)."""
-
-    matrix_lr: float = 0.04
-    embedding_lr: float = 0.6
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.2
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    matrix_optimizer: str = "muon"
 
 
 def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
@@ -145,7 +134,7 @@ def apply_schedules(optimizer: MuonAdamW, progress: float, step: int, warmup_rat
     return multiplier
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> MuonAdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> MuonAdamW:
     """Parameter groups for :class:`train.model.GPT`, following autoresearch's split.
 
     Raises:
