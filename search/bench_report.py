@@ -67,7 +67,7 @@ def markdown(summaries: Sequence[FamilySummary], results: Sequence[PrunerResult]
             "the median); recall: share of the worst half killed. Failed (diverged) trials rank worst. "
             "rank<t: RankCollapsePruner(t); median-loss: MedianPruner on the train loss through "
             "SignalPruner (5 startup trials); loss>pXX: kill when the checkpoint loss is above the "
-            "XXth percentile of all earlier trials' checkpoint losses; rank<t|median-loss: either.",
+            "XXth percentile of all earlier trials' checkpoint losses; rank<t or median-loss: either.",
         ]
     ) + "\n"
 
@@ -88,7 +88,7 @@ def write_html(
         rows = [r for r in results if r.family == family and math.isfinite(r.regret)]
         groups = {
             "rank": [r for r in rows if r.spec.kind == "rank"],
-            "rank|median-loss": [r for r in rows if r.spec.kind == "rank_or_loss"],
+            "rank or median-loss": [r for r in rows if r.spec.kind == "rank_or_loss"],
             "loss": [r for r in rows if r.spec.kind in ("median_loss", "loss_percentile", "none")],
         }
         for group, members in groups.items():
@@ -97,7 +97,7 @@ def write_html(
             tradeoff.add_trace(go.Scatter(
                 x=[100 * r.saved for r in members], y=[r.regret for r in members],
                 mode="lines+markers+text" if group == "rank" else "markers+text",
-                text=[r.pruner.replace("|median-loss", "|loss") for r in members],
+                text=[r.pruner.replace(" or median-loss", " or loss") for r in members],
                 textposition="top center", name=f"{family}: {group}",
                 hovertext=[
                     f"{r.pruner}: killed {r.n_killed}/{r.n_trials}, top-3 killed {r.top3_killed}, "

@@ -44,13 +44,13 @@ class PrunerSpec:
     name: str = field(default="", compare=False)
 
     def label(self) -> str:
-        """Short name for tables: "none", "rank<0.50", "median-loss", "rank<0.50|median-loss"."""
+        """Short name for tables: "none", "rank<0.50", "median-loss", "rank<0.50 or median-loss"."""
         if self.name:
             return self.name
         if self.kind == "rank":
             return f"rank<{self.threshold:.2f}"
         if self.kind == "rank_or_loss":
-            return f"rank<{self.threshold:.2f}|median-loss"
+            return f"rank<{self.threshold:.2f} or median-loss"
         if self.kind == "loss_percentile":
             return f"loss>p{self.percentile:g}"
         return {"median_loss": "median-loss"}.get(self.kind, self.kind)

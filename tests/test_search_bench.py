@@ -103,3 +103,21 @@ def test_bench_bad_input_is_one_line_exit_2(capsys, tmp_path, monkeypatch, argv,
     assert status == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "studies").exists()  # nothing created by a refused command
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_replay_of_the_reference_records_reproduces_the_readme(capsys, tmp_path):
+    """Every pruner row the README quotes is what replaying the committed audit records prints."""
+    status, out, _ = _run(capsys, "--replay", str(REPO / "studies" / "reference" / "audit-cpu.parquet"),
+                          "--out-dir", str(tmp_path))
+    assert status == 0
+    readme = (REPO / "README.md").read_text()
+    quoted = [line for line in readme.splitlines() if line.startswith(("| muon | ", "| adamw | "))
+              and "/" in line.split("|")[3]]  # pruner rows ("killed" is k/n), not the Spearman table
+    assert len(quoted) >= 10
+    for line in quoted:
+        assert line in out, line
+    for family, retention, loss in (("muon", "+0.18", "+0.70"), ("adamw", "-0.88", "+0.74")):
+        assert f"| {retention} | {loss} |" in next(l for l in out.splitlines() if l.startswith(f"| {family} | "))
