@@ -152,6 +152,7 @@ def _audit(args: argparse.Namespace) -> tuple[list[TrialRecord], str, int]:
     from search.objective import Objective
     from search.storage import StorageError, default_storage_url, find_study, open_storage
     from search.study import (
+        DEFAULT_THRESHOLD,
         SettingsError,
         StudySettings,
         check_resume,
@@ -163,7 +164,7 @@ def _audit(args: argparse.Namespace) -> tuple[list[TrialRecord], str, int]:
     step_budget = args.step_budget
     if step_budget is None and args.time_budget is None:
         step_budget = STEP_BUDGETS.get(args.preset)
-    ns = argparse.Namespace(threshold="0.5", device=args.device, cache_dir=args.cache_dir,
+    ns = argparse.Namespace(threshold=str(DEFAULT_THRESHOLD), device=args.device, cache_dir=args.cache_dir,
                             time_budget=args.time_budget, step_budget=step_budget, preset=args.preset,
                             triage_at=args.triage_at, pruner="rank", audit=True)
     try:
@@ -193,14 +194,11 @@ def _audit(args: argparse.Namespace) -> tuple[list[TrialRecord], str, int]:
             fam = replace(settings, base=replace(base, matrix_optimizer=family))
             if find_study(storage, name) is not None:
                 existing = optuna.load_study(study_name=name, storage=storage)
-                check_resume(existing, fam, fingerprint)
-                if existing.user_attrs.get("matrix_optimizer", family) != family:
-                    raise SettingsError(f"study {name!r} audits another matrix optimizer")
+                check_resume(existing, fam, fingerprint)  # matrix_optimizer is one of the comparable attrs
             study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
                                         load_if_exists=True, sampler=make_sampler(args.sampler, args.seed),
                                         pruner=make_pruner(fam))
             fam.store(study, fingerprint)
-            study.set_user_attr("matrix_optimizer", family)
             studies.append((family, fam, study))
     except (StorageError, SettingsError) as error:
         raise ReplayError(str(error)) from None
@@ -209,7 +207,7 @@ def _audit(args: argparse.Namespace) -> tuple[list[TrialRecord], str, int]:
         todo = max(0, args.trials - done)
         clock.skip(args.trials - todo)
         print(f"{study.study_name}: {done} finished trial(s) kept, {todo} to run ({urls[family]})")
-        objective = Objective(base=fam.base, triage_at=fam.triage_at, threshold=0.5, audit=True)
+        objective = Objective(base=fam.base, triage_at=fam.triage_at, threshold=DEFAULT_THRESHOLD, audit=True)
         try:
             study.optimize(objective, n_trials=todo, catch=(Exception,), callbacks=[clock.callback(family)])
         except KeyboardInterrupt:
