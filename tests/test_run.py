@@ -309,3 +309,37 @@ def test_run_matrix_optimizer_is_recorded_and_a_resume_cannot_mix_families(workd
     assert _status(_args(prepared_cache, "adamw", "--trials", "1")) == 2  # muon now: not comparable
     assert "matrix_optimizer='adamw'" in capsys.readouterr().err
     assert len(_load("adamw").trials) == 1
+
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def test_run_two_workers_share_one_postgresql_study(prepared_cache, tmp_path) -> None:
+    """Two search.run processes on one PostgreSQL study (how a user spreads a search): no trial lost or doubled."""
+    import subprocess
+    import sys
+    from uuid import uuid4
+
+    from search.storage import StorageError, open_storage
+
+    try:
+        storage = open_storage(POSTGRES)
+    except StorageError as error:
+        pytest.skip(f"no PostgreSQL here: {error}")
+    name = f"workers-{uuid4().hex[:8]}"
+    argv = [sys.executable, "-m", "search.run", *_args(prepared_cache, name, "--trials", "2", "--storage", POSTGRES,
+                                                       "--no-baseline", "--no-report")]
+    workers = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        results = [worker.communicate(timeout=300) for worker in workers]
+        assert [worker.returncode for worker in workers] == [0, 0], [err for _, err in results]
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert len(study.trials) == 4
+        assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+        assert all("curve_retention" in t.user_attrs for t in study.trials)
+        assert study.user_attrs["budget_unit"] == "steps"
+    finally:
+        with contextlib.suppress(KeyError):  # never created if the workers failed: keep their error
+            optuna.delete_study(study_name=name, storage=storage)
