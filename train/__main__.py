@@ -34,7 +34,36 @@ _HELP = {
     "matrix_optimizer": f"optimizer for block matrices ({', '.join(MATRIX_OPTIMIZERS)})",
     "threads": "CPU threads (default: one per core); 1 is far faster on a machine busy with other work",
     "cache_dir": "prepared data (default: $OPTUNA_TRIAGE_CACHE, else ~/.cache/optuna-triage)",
+    "seed": "seed of the weights and the data order",
+    "depth": "transformer layers",
+    "aspect_ratio": "model width per layer (n_embd = depth x aspect ratio, rounded up to whole heads)",
+    "head_dim": "attention head width",
+    "n_kv_head": "key/value heads (grouped-query attention); 0 = one per query head",
+    "window_pattern": "sliding-window pattern over layers, S = half context, L = full (last layer always L)",
+    "seq_len": "context length in tokens",
+    "device_batch_size": "rows per micro-batch",
+    "total_batch_size": "tokens per optimizer step (gradient accumulation makes up the rest)",
+    "matrix_lr": "learning rate of the block matrices (Muon, or AdamW with --matrix-optimizer adamw)",
+    "embedding_lr": "AdamW learning rate of the token and value embeddings",
+    "unembedding_lr": "AdamW learning rate of lm_head",
+    "scalar_lr": "AdamW learning rate of the per-layer residual scalars",
+    "weight_decay": "weight decay of the block matrices, decaying linearly to 0 over the run",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "warmup_ratio": "fraction of the budget spent warming the learning rate up",
+    "warmdown_ratio": "fraction of the budget spent decaying the learning rate at the end",
+    "final_lr_frac": "learning rate at the end, as a fraction of the peak",
+    "startup_steps": "first steps not counted against a time budget (warm-up, compilation)",
+    "eval_tokens": "validation tokens of the final val_bpb (fixed per preset)",
+    "compile": "torch.compile the model (CUDA only)",
+    "log_every": "print a step line every N steps",
 }
+
+
+def _help(name: str) -> str:
+    """A flag's help: its own text where the name alone does not say enough; every default is the preset's."""
+    text = _HELP[name]
+    return text if name in ("preset", "device", "cache_dir") else f"{text} (default: the preset's)"
 
 
 def _positive_float(text: str) -> float:
@@ -68,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(kind, types.UnionType):  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_help(f.name))
             continue
         if f.name in ("time_budget",):
             kind = _positive_float
@@ -77,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices = {"preset": list(PRESETS), "device": list(DEVICES),
                    "matrix_optimizer": list(MATRIX_OPTIMIZERS)}.get(f.name)
         parser.add_argument(flag, type=kind, default=None, choices=choices, metavar=f.name.upper(),
-                            help=_HELP.get(f.name))
+                            help=_help(f.name))
     return parser
 
 
