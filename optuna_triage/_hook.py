@@ -17,15 +17,11 @@ from optuna_triage._metrics import (
     rank_retention,
     structural_snapshot,
 )
+from optuna_triage._pruner import _json_float
 
 __all__ = ["RankTriage"]
 
 _PRUNE_KEYS = ("prune_reason", "prune_retention", "prune_threshold", "prune_step")
-
-
-def _json(value: float | None) -> float | None:
-    # Dashboards choke on NaN/inf in JSON: record them as null.
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 class RankTriage:
@@ -179,7 +175,7 @@ class RankTriage:
         if value is None:
             return
         curve = self._curves.setdefault(name, {})
-        curve[str(step)] = _json(value)
+        curve[str(step)] = _json_float(value)
         self.trial.set_user_attr(f"curve_{name}", dict(curve))
 
     def report(
@@ -220,7 +216,7 @@ class RankTriage:
             self._triaged = True
             for key, v in (("step", step), ("retention", value), ("train_loss", train_loss),
                            ("grad_coherence", grad_coherence)):
-                self.trial.set_user_attr(f"triage_{key}", v if key == "step" else _json(v))
+                self.trial.set_user_attr(f"triage_{key}", v if key == "step" else _json_float(v))
         if not self.trial.should_prune():
             if self.audit and not self._would_prune:
                 self.trial.set_user_attr("audit_would_prune", False)

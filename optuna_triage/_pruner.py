@@ -28,9 +28,9 @@ def _record(study: optuna.study.Study, trial: optuna.trial.FrozenTrial, attrs: d
         _logger.warning(f"RankCollapsePruner could not record why trial {trial.number} was pruned: {exc!r}")
 
 
-def _json_float(value: float) -> float | None:
-    # NaN/inf are not valid JSON for the dashboard: store null and let the reason say why.
-    return float(value) if math.isfinite(value) else None
+def _json_float(value: float | None) -> float | None:
+    """A float as stored in user attrs: NaN/inf are not valid JSON for the dashboard, so they become null."""
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 class RankCollapsePruner(BasePruner):
